@@ -1,0 +1,3 @@
+"""AlphaNet / AttentiveNAS in JAX/Flax."""
+
+__version__ = "0.1.0"
