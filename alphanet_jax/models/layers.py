@@ -62,10 +62,14 @@ def pointwise(x, kernel):
 def avg_pool2(x):
   """The shortcut's avg-pool (kernel = stride = 2): padding 0 for even sizes, 1 for odd sizes,
   pads counted in the average and sizes floored (PyTorch avg_pool2d defaults, SPEC §2.4)."""
-  pad = 0 if x.shape[2] % 2 == 0 else 1
-  summed = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, (1, 2, 2, 1), (1, 2, 2, 1),
-                             ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  return summed / 4.0
+  n, h, w, c = x.shape
+  pad = 0 if w % 2 == 0 else 1   # the original looks at the width only
+  oh, ow = (h + 2 * pad - 2) // 2 + 1, (w + 2 * pad - 2) // 2 + 1
+  if pad:
+    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  x = x[:, :2 * oh, :2 * ow]
+  # A reshape-and-sum: cheaper than reduce_window on CPU and differentiable everywhere.
+  return x.reshape(n, oh, 2, ow, 2, c).sum(axis=(2, 4)) / 4.0
 
 
 def _moments(x, axes):

@@ -127,7 +127,9 @@ class Network(nnx.Module):
     out = network.forward(self.layout, variables(self), x, masks, **kwargs)
     bn = kwargs.get("bn", layers.BNMode())
     if bn.kind == "calib":
-      nnx.update(self, nnx.State(out[1]))
+      stats = nnx.state(self, nnx.BatchStat)
+      nnx.replace_by_pure_dict(stats, out[1])
+      nnx.update(self, stats)
       out = out[0] if len(out) == 2 else (out[0],) + out[2:]
     return out
 
