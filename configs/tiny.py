@@ -7,7 +7,7 @@ stored upsampled to 32x32 RGB; the model resizes them in-model to the subnet's r
 (24 or 32), exactly as the full model resizes 224 crops to 192-288.
 """
 
-import ml_collections
+from alphanet_jax import config_lib
 
 # Same layout as the original supernet_config. Widths are multiples of 8; expand ratios of a
 # stage are all 1 (mb1) or all > 1.
@@ -28,9 +28,21 @@ IMAGE_SIZE = 32
 
 def get_config(arg=None):
   del arg
-  config = ml_collections.ConfigDict()
-  config.space = TINY_SUPERNET_CONFIG
-  config.num_classes = 10
-  config.image_size = IMAGE_SIZE
-  config.dataset = "alphanet_digits"
-  return config
+  c = config_lib.base_config()
+  with c.ignore_type():   # the base config names a space; this one defines its own
+    c.space = TINY_SUPERNET_CONFIG
+  c.num_classes = 10
+  c.image_size = IMAGE_SIZE
+  c.dataset = "alphanet_digits"
+  # 1437 training digits: 22 steps per epoch at batch 64 (divisible by 8 devices x group 8).
+  c.batch_size = 64
+  c.bn_group_size = 8
+  c.epochs = 30
+  c.warmup_epochs = 1
+  c.base_lr = 0.1
+  c.dropout = 0.1
+  c.drop_connect = 0.1
+  c.checkpoint_every_steps = 200
+  c.log_every_steps = 20
+  c.stages = ("train",)
+  return c

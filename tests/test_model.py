@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from alphanet_jax import calibrate, masks as masks_lib, models, parity
 from alphanet_jax import space as space_lib
@@ -188,7 +187,7 @@ def test_calib_statistics_are_batch_mean_and_unbiased_variance():
 
 # ------------------------------------------------------------------------------ Flax module
 def test_nnx_module_call_matches_functional_forward(tiny_space):
-  model = models.Supernet(tiny_space, rngs=nnx.Rngs(0))
+  model = models.Supernet(tiny_space, seed=0)
   cfg = tiny_space.max_subnet()
   m = masks_lib.subnet_masks(tiny_space, cfg)
   x = _images(4, 32)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from alphanet_jax import space as space_lib
@@ -23,16 +23,18 @@ from alphanet_jax.models import layers
 from alphanet_jax.models import network
 
 
-def _uniform(rngs: nnx.Rngs, shape, fan_in: int, dtype=jnp.float32):
+def _uniform(rng: np.random.Generator, shape, fan_in: int):
+  # Drawn with numpy on the host: one XLA program per distinct shape (what jax.random would
+  # compile eagerly) cost ~40 s for the tiny supernet; numpy takes milliseconds.
   bound = 1.0 / math.sqrt(fan_in)
-  return jax.random.uniform(rngs.params(), shape, dtype, -bound, bound)
+  return jnp.asarray(rng.uniform(-bound, bound, shape).astype(np.float32))
 
 
 class Conv(nnx.Module):
   """A bias-free conv kernel [kh, kw, in/groups, out]."""
 
-  def __init__(self, kh: int, in_ch: int, out_ch: int, *, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_uniform(rngs, (kh, kh, in_ch, out_ch), kh * kh * in_ch))
+  def __init__(self, kh: int, in_ch: int, out_ch: int, *, rng: np.random.Generator):
+    self.kernel = nnx.Param(_uniform(rng, (kh, kh, in_ch, out_ch), kh * kh * in_ch))
 
 
 class BatchNorm(nnx.Module):
@@ -46,80 +48,80 @@ class BatchNorm(nnx.Module):
 
 class ConvBN(nnx.Module):
 
-  def __init__(self, kh: int, in_ch: int, out_ch: int, *, rngs: nnx.Rngs,
+  def __init__(self, kh: int, in_ch: int, out_ch: int, *, rng: np.random.Generator,
                zero_scale: bool = False):
-    self.conv = Conv(kh, in_ch, out_ch, rngs=rngs)
+    self.conv = Conv(kh, in_ch, out_ch, rng=rng)
     self.bn = BatchNorm(out_ch, zero_scale=zero_scale)
 
 
 class ConvOnly(nnx.Module):
   """A layer that is only a conv (shortcut, feature_mix): keeps the `.conv.kernel` path."""
 
-  def __init__(self, in_ch: int, out_ch: int, *, rngs: nnx.Rngs):
-    self.conv = Conv(1, in_ch, out_ch, rngs=rngs)
+  def __init__(self, in_ch: int, out_ch: int, *, rng: np.random.Generator):
+    self.conv = Conv(1, in_ch, out_ch, rng=rng)
 
 
 class Linear1x1(nnx.Module):
   """A 1x1 conv with bias (the SE convs)."""
 
-  def __init__(self, in_ch: int, out_ch: int, *, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_uniform(rngs, (1, 1, in_ch, out_ch), in_ch))
-    self.bias = nnx.Param(_uniform(rngs, (out_ch,), in_ch))
+  def __init__(self, in_ch: int, out_ch: int, *, rng: np.random.Generator):
+    self.kernel = nnx.Param(_uniform(rng, (1, 1, in_ch, out_ch), in_ch))
+    self.bias = nnx.Param(_uniform(rng, (out_ch,), in_ch))
 
 
 class SqueezeExcite(nnx.Module):
 
-  def __init__(self, ch: int, se_ch: int, *, rngs: nnx.Rngs):
-    self.reduce = Linear1x1(ch, se_ch, rngs=rngs)
-    self.expand = Linear1x1(se_ch, ch, rngs=rngs)
+  def __init__(self, ch: int, se_ch: int, *, rng: np.random.Generator):
+    self.reduce = Linear1x1(ch, se_ch, rng=rng)
+    self.expand = Linear1x1(se_ch, ch, rng=rng)
 
 
 class DepthConv(nnx.Module):
 
-  def __init__(self, k: int, ch: int, se_ch: int, *, rngs: nnx.Rngs):
-    self.conv = Conv(k, 1, ch, rngs=rngs)   # depthwise: [k, k, 1, C], fan_in k*k
+  def __init__(self, k: int, ch: int, se_ch: int, *, rng: np.random.Generator):
+    self.conv = Conv(k, 1, ch, rng=rng)   # depthwise: [k, k, 1, C], fan_in k*k
     self.bn = BatchNorm(ch)
     if se_ch:
-      self.se = SqueezeExcite(ch, se_ch, rngs=rngs)
+      self.se = SqueezeExcite(ch, se_ch, rng=rng)
 
 
 class MBBlock(nnx.Module):
 
-  def __init__(self, lay: network.BlockLayout, *, rngs: nnx.Rngs):
+  def __init__(self, lay: network.BlockLayout, *, rng: np.random.Generator):
     if lay.has_expand:
-      self.inverted_bottleneck = ConvBN(1, lay.in_ch, lay.mid_ch, rngs=rngs)
-    self.depth_conv = DepthConv(lay.kernel_size, lay.mid_ch, lay.se_ch, rngs=rngs)
-    self.point_linear = ConvBN(1, lay.mid_ch, lay.out_ch, rngs=rngs, zero_scale=True)
+      self.inverted_bottleneck = ConvBN(1, lay.in_ch, lay.mid_ch, rng=rng)
+    self.depth_conv = DepthConv(lay.kernel_size, lay.mid_ch, lay.se_ch, rng=rng)
+    self.point_linear = ConvBN(1, lay.mid_ch, lay.out_ch, rng=rng, zero_scale=True)
     # Every block stores a shortcut conv, also when its shortcut is the identity (SPEC §5.1).
-    self.shortcut = ConvOnly(lay.in_ch, lay.out_ch, rngs=rngs)
+    self.shortcut = ConvOnly(lay.in_ch, lay.out_ch, rng=rng)
 
 
 class Head(nnx.Module):
 
-  def __init__(self, in_ch: int, expand_ch: int, mix_ch: int, *, rngs: nnx.Rngs):
-    self.final_expand_layer = ConvBN(1, in_ch, expand_ch, rngs=rngs)
-    self.feature_mix_layer = ConvOnly(expand_ch, mix_ch, rngs=rngs)
+  def __init__(self, in_ch: int, expand_ch: int, mix_ch: int, *, rng: np.random.Generator):
+    self.final_expand_layer = ConvBN(1, in_ch, expand_ch, rng=rng)
+    self.feature_mix_layer = ConvOnly(expand_ch, mix_ch, rng=rng)
 
 
 class Classifier(nnx.Module):
 
-  def __init__(self, in_ch: int, num_classes: int, *, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_uniform(rngs, (in_ch, num_classes), in_ch))
-    self.bias = nnx.Param(_uniform(rngs, (num_classes,), in_ch))
+  def __init__(self, in_ch: int, num_classes: int, *, rng: np.random.Generator):
+    self.kernel = nnx.Param(_uniform(rng, (in_ch, num_classes), in_ch))
+    self.bias = nnx.Param(_uniform(rng, (num_classes,), in_ch))
 
 
 class Network(nnx.Module):
   """The AttentiveNAS network at the shapes of a `NetLayout` (supernet or static subnet)."""
 
-  def __init__(self, layout: network.NetLayout, *, rngs: nnx.Rngs):
+  def __init__(self, layout: network.NetLayout, *, rng: np.random.Generator):
     self.layout = layout
-    self.first_conv = ConvBN(3, 3, layout.stem_ch, rngs=rngs)
+    self.first_conv = ConvBN(3, 3, layout.stem_ch, rng=rng)
     for j, lay in enumerate(layout.blocks):
       name = f"blocks_{lay.index if layout.masked else j}"
-      setattr(self, name, MBBlock(lay, rngs=rngs))
+      setattr(self, name, MBBlock(lay, rng=rng))
     self.last_conv = Head(layout.head_in_ch, layout.final_expand_ch, layout.feature_mix_ch,
-                          rngs=rngs)
-    self.classifier = Classifier(layout.feature_mix_ch, layout.num_classes, rngs=rngs)
+                          rng=rng)
+    self.classifier = Classifier(layout.feature_mix_ch, layout.num_classes, rng=rng)
 
   def __call__(self, x, masks=None, **kwargs):
     """Runs `network.forward` on this module's variables; 'calib' mode updates batch_stats in
@@ -134,15 +136,15 @@ class Network(nnx.Module):
     return out
 
 
-def Supernet(space: space_lib.SearchSpace, *, rngs: nnx.Rngs) -> Network:  # noqa: N802
-  """The masked supernet of `space` (max-shaped parameters)."""
-  return Network(network.supernet_layout(space), rngs=rngs)
+def Supernet(space: space_lib.SearchSpace, *, seed: int = 0) -> Network:  # noqa: N802
+  """The masked supernet of `space` (max-shaped parameters), initialised from `seed`."""
+  return Network(network.supernet_layout(space), rng=np.random.default_rng(seed))
 
 
 def StaticSubnet(space: space_lib.SearchSpace, cfg: space_lib.SubnetConfig, *,  # noqa: N802
-                 rngs: nnx.Rngs) -> Network:
+                 seed: int = 0) -> Network:
   """A subnet at its real shapes (what `extract_subnet` fills and what users deploy)."""
-  return Network(network.static_layout(space, cfg), rngs=rngs)
+  return Network(network.static_layout(space, cfg), rng=np.random.default_rng(seed))
 
 
 def variables(model: Network) -> dict:
@@ -152,6 +154,6 @@ def variables(model: Network) -> dict:
 
 
 def init_variables(layout: network.NetLayout, seed: int = 0) -> dict:
-  """Fresh variables of a layout, as plain dicts (jit-able: wrap in jax.jit with out_shardings
-  to create them directly on their devices)."""
-  return variables(Network(layout, rngs=nnx.Rngs(seed)))
+  """Fresh variables of a layout as plain dicts (host-generated from `seed`; place them with
+  jax.device_put onto their shardings)."""
+  return variables(Network(layout, rng=np.random.default_rng(seed)))
