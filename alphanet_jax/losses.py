@@ -87,6 +87,12 @@ def _divergence_and_weight(log_q: jax.Array, log_p: jax.Array, alpha: float, iw_
     p = jnp.exp(log_p)
     div = jnp.sum(p * log_r, axis=-1)
     weight = p
+    # The original's D = sum q r log r is NaN wherever p or q underflows to 0 (0 log 0, 0 inf),
+    # and a NaN loses the comparison: that sample trains on alpha_max. Keep that selection rule
+    # (training parity: with the reference's large logits it decides whole samples), while the
+    # surrogate above stays finite.
+    undefined = jnp.any((p == 0.0) | (q == 0.0), axis=-1)
+    div = jnp.where(undefined, jnp.nan, div)
   else:
     # General branch: r~ = clip(r^alpha, 0, beta), f0 = 1 / (alpha (alpha - 1)), f = f0 r~,
     # D = sum q (f - f0), rho = r~ / alpha + f0 (SPEC §7 table). exp(alpha log r) may overflow
@@ -95,7 +101,9 @@ def _divergence_and_weight(log_q: jax.Array, log_p: jax.Array, alpha: float, iw_
     r_alpha = jnp.minimum(jnp.exp(alpha * log_r), jnp.float32(iw_clip))
     div = jnp.sum(q * (f0 * r_alpha - f0), axis=-1)
     weight = q * (r_alpha / alpha + f0)
-  return div, weight
+  # Where both p and q underflow every branch of the original is NaN (0/0).
+  both = jnp.any((jnp.exp(log_p) == 0.0) & (q == 0.0), axis=-1)
+  return jnp.where(both, jnp.nan, div), weight
 
 
 def adaptive_alpha_divergence_diagnostics(
@@ -173,15 +181,17 @@ def adaptive_alpha_divergence(
   (the reference cases c00..c10 match within their tolerances) and changes results only where a
   probability underflows to 0:
 
-  * teacher underflow (p = 0): the original's forward-KL divergence is NaN (0 log 0) and the NaN
-    comparison selects alpha_max; here D is finite (that class contributes 0) and the branches
-    are compared on their values. The two selections agree unless D(alpha_min) really exceeds
-    D(alpha_max), which did not happen in reference case c10.
+  * the branch selection is the original's: where its divergence is NaN (the forward-KL branch
+    when p or q underflows, 0 log 0 or 0 inf; every branch when both do) the diagnostics report
+    NaN too and the comparison selects alpha_max. This decides whole samples when logits are
+    large, and the recorded training steps (reference train_step_ref) need it.
+  * teacher underflow (p = 0): the selected forward-KL surrogate is finite, as in the original.
   * student underflow (q = 0): the original's loss and gradient are NaN whenever the alpha = 1
     branch is selected; here they are finite (the class contributes w = p, its log q is finite).
   * both underflow: finite here, NaN in the original.
 
-  So with finite logits the loss and its gradient are always finite. Gradient-clipping remains
+  So with finite logits the loss and its gradient are always finite (the divergence values in
+  the diagnostics may be NaN, exactly where the original's are). Gradient-clipping remains
   the trainer's business (the original clips every element to [-1, 1]).
 
   Args:
