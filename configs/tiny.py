@@ -34,7 +34,7 @@ def get_config(arg=None):
   c.num_classes = 10
   c.image_size = IMAGE_SIZE
   c.dataset = "alphanet_digits"
-  # 1437 training digits: 22 steps per epoch at batch 64 (divisible by 8 devices x group 8).
+  # 1438 training digits: 22 steps per epoch at batch 64 (divisible by 8 devices x group 8).
   c.batch_size = 64
   c.bn_group_size = 8
   c.epochs = 30
