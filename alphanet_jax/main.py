@@ -33,6 +33,9 @@ def _default_workdir(config_path: str) -> str:
 def _initialise_distributed():
   import jax
   if FLAGS.coordinator_address:
+    # CPU processes (and the multi-process tests) need a collectives backend; it does not
+    # affect TPU/GPU collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
   elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):

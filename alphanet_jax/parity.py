@@ -351,8 +351,12 @@ def _train_step_runner() -> Callable | None:
   return train_parity.run_cases
 
 
-def run(ref_dir, *, out=sys.stdout) -> Report:
-  """Runs every case of `ref_dir`, printing one line per case; returns the Report."""
+KINDS = ("model", "loss", "flops", "export", "train_step")
+
+
+def run(ref_dir, *, out=sys.stdout, kinds=KINDS) -> Report:
+  """Runs every case of `ref_dir` (of the given file `kinds`), printing one line per case;
+  returns the Report."""
   ref_dir = pathlib.Path(ref_dir)
   report = Report()
   if not ref_dir.is_dir():
@@ -372,6 +376,9 @@ def run(ref_dir, *, out=sys.stdout) -> Report:
   for path, doc, kind in docs:
     if kind is None:
       report.skipped.append((path.name, "not a reference format this tool handles"))
+      continue
+    if kind not in kinds:
+      report.skipped.append((path.name, f"{kind} files not selected"))
       continue
     if kind in ("model", "export", "train_step"):
       try:
@@ -408,10 +415,16 @@ def run(ref_dir, *, out=sys.stdout) -> Report:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="alphanet-parity", description=__doc__.split("\n")[0])
   parser.add_argument("ref_dir", help="directory of reference vectors (e.g. ../shared/reference)")
+  parser.add_argument("--kinds", default=",".join(KINDS),
+                      help=f"comma-separated file kinds to run (default: all of {KINDS})")
   args = parser.parse_args(argv)
+  kinds = tuple(k for k in args.kinds.split(",") if k)
+  unknown = set(kinds) - set(KINDS)
+  if unknown:
+    parser.error(f"unknown kinds {sorted(unknown)}; choose from {list(KINDS)}")
   from alphanet_jax import runtime
   runtime.setup_for_parity()
-  return run(args.ref_dir).exit_code
+  return run(args.ref_dir, kinds=kinds).exit_code
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def warmup_cosine(base_lr: float, warmup_steps: int, total_steps: int,
       warm = jnp.where(t < warmup_steps, warmup_factor * (1.0 - alpha) + alpha, 1.0)
     else:
       warm = 1.0
-    cosine = 0.5 * (1.0 + jnp.cos(math.pi * t / total_steps))
+    # Past the last step the original's cosine would rise again; hold it at its end (0).
+    cosine = 0.5 * (1.0 + jnp.cos(math.pi * jnp.minimum(t, total_steps) / total_steps))
     return jnp.maximum(base_lr * warm * cosine, 0.0)
   return schedule
 
@@ -165,7 +166,7 @@ class SandwichPrograms:
     self.static_student_grad = jax.jit(self._min_grad, donate_argnums=(2,))
     self.masked_student_grad = jax.jit(self._masked_grad, static_argnames=("resolution",),
                                        donate_argnums=(1,))
-    self.update = jax.jit(self._update, donate_argnums=(0, 1))
+    self.update = jax.jit(self._update, donate_argnums=(0,))
 
   # -- forward of one role ---------------------------------------------------------------
   def _bn(self):

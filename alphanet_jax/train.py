@@ -146,9 +146,10 @@ def _train_input(exp: Experiment, start_step: int):
   if c.dataset == "synthetic":
     from alphanet_jax.data import synthetic  # noqa: PLC0415
     return synthetic.synthetic_iterator(seed=c.seed, start_step=start_step,
-                                        local_batch_size=exp.local_batch,
+                                        global_batch_size=exp.global_batch,
                                         image_size=c.image_size, num_classes=exp.space.num_classes,
-                                        process_index=jax.process_index())
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
   from alphanet_jax import data  # noqa: PLC0415
   return data.train_iterator(c, seed=c.seed, start_step=start_step,
                              local_batch_size=exp.local_batch)
@@ -252,6 +253,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       continue
     if stage == "train":
       state, status = train_stage(exp, state, start_step, summary, t0)
+      summary["status"] = status
       if status != "done":
         summary.pop("wall_s_before", None)
         write_summary(exp.workdir, summary)
