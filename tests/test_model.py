@@ -148,7 +148,12 @@ def test_bn_groups_equal_separate_batches(tiny_space, tiny_vars):
                                bn=models.BNMode("train", group_size=4))
   halves = [models.forward_jit(layout, tiny_vars, x[i:i + 4], m, resolution=32,
                                bn=models.BNMode("train", group_size=0)) for i in (0, 4)]
-  np.testing.assert_allclose(grouped, jnp.concatenate(halves), atol=1e-5)
+  # Different programs (one grouped batch vs two batches) round differently: ~1e-5 on logits
+  # of ~0.2. A grouping bug moves them by orders of magnitude more (checked below).
+  np.testing.assert_allclose(grouped, jnp.concatenate(halves), atol=5e-5)
+  whole = models.forward_jit(layout, tiny_vars, x, m, resolution=32,
+                             bn=models.BNMode("train", group_size=0))
+  assert np.abs(np.asarray(whole) - np.asarray(grouped)).max() > 1e-3
   # A batch smaller than the group is one group.
   small = models.forward_jit(layout, tiny_vars, x[:4], m, resolution=32,
                              bn=models.BNMode("train", group_size=32))
@@ -237,5 +242,7 @@ def test_depthwise_implementations_agree_in_the_network(tiny_space, tiny_vars, i
   ref_val, ref_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(tiny_vars, "native")
   val, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(tiny_vars, impl)
   np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+  # Whole-network gradients of an untrained net: summation-order noise reaches ~1e-3 relative
+  # on a few entries (seen under load in CI); a wrong VJP is off by O(1).
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(a, b, atol=2e-3 * max(1.0, float(np.abs(b).max())), rtol=2e-3)

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -280,15 +281,23 @@ def _free_port():
 def test_two_processes_match_one_process(tmp_path):
   one = tmp_path / "one"
   _run(_main_cmd(one, steps=2, every=2), _env(devices=4))
-  port = _free_port()
   two = tmp_path / "two"
-  procs = [subprocess.Popen(
-      _main_cmd(two, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                f"--process_id={i}", steps=2, every=2),
-      cwd=REPO_ROOT, env=_env(devices=2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      text=True) for i in range(2)]
-  errs = [p.communicate(timeout=900)[1] for p in procs]
-  assert all(p.returncode == 0 for p in procs), errs[0][-2000:] + errs[1][-2000:]
+  # gloo's rendezvous deadline (30 s, not configurable in jax 0.10.2) can expire when one
+  # process finishes compiling a program much later than the other on a loaded CI machine.
+  # A second attempt finds every program in the compile cache the first one filled.
+  for attempt in range(2):
+    shutil.rmtree(two, ignore_errors=True)
+    port = _free_port()
+    procs = [subprocess.Popen(
+        _main_cmd(two, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                  f"--process_id={i}", steps=2, every=2),
+        cwd=REPO_ROOT, env=_env(devices=2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    errs = [p.communicate(timeout=900)[1] for p in procs]
+    ok = all(p.returncode == 0 for p in procs)
+    if ok or not any("Gloo context initialization failed" in e for e in errs):
+      break
+  assert ok, errs[0][-2000:] + errs[1][-2000:]
   a, b = _summary(one), _summary(two)
   assert a["step"] == b["step"] == 2
   for role in ("max", "min", "random"):

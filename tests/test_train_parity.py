@@ -35,10 +35,5 @@ def test_step0_clipped_gradients(step_results):
   assert step_results["step0/clipped_grad"].passed, step_results["step0/clipped_grad"].line()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Known open deviation (issue 3): after three steps the tracked parameters differ from the "
-    "original by up to 6.8e-5 (blocks.13 shortcut conv; tolerance 5e-5), although lr, losses, "
-    "step-0 clipped gradients, update norms and untouched parameters all pass. strict: this "
-    "test reports when the deviation is fixed."))
 def test_final_parameters(step_results):
   assert step_results["final_param"].passed, step_results["final_param"].line()
