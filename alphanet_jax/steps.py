@@ -251,15 +251,14 @@ def init_train_state(variables: dict, tx) -> dict:
           "nonfinite": jnp.full((2,), -1, jnp.int32)}
 
 
-def sandwich_step(programs: SandwichPrograms, state: dict, images, labels,
-                  subnets: Sequence[space_lib.SubnetConfig], key, put=lambda x: x):
-  """One sandwich step on the host: dispatches the programs (no host sync) and returns
-  (new state, per-subnet losses as a device array [max, random..., min]).
+def sandwich_gradients(programs: SandwichPrograms, state: dict, images, labels,
+                       subnets: Sequence[space_lib.SubnetConfig], key, put=lambda x: x):
+  """The gradient half of a sandwich step: dispatches the teacher, the masked students and the
+  min subnet (no host sync) and returns (summed gradients, [loss per subnet] as device scalars).
 
   `subnets` is [max, random..., min] as the sampler returns it; `put` places host arrays
-  (masks, usage flags) on the devices (replicated).
+  (masks) on the devices (replicated).
   """
-  space = programs.space
   if subnets[0] != programs.max_subnet or subnets[-1] != programs.min_subnet:
     raise ValueError("A sandwich step's subnets start with the max and end with the min subnet.")
   params = state["params"]
@@ -268,13 +267,21 @@ def sandwich_step(programs: SandwichPrograms, state: dict, images, labels,
   step_losses = [loss_max]
   for cfg in subnets[1:-1]:
     acc, loss = programs.masked_student_grad(params, acc, images, teacher,
-                                             put(masks_lib.subnet_masks(space, cfg)),
+                                             put(masks_lib.subnet_masks(programs.space, cfg)),
                                              resolution=cfg.resolution)
     step_losses.append(loss)
   acc, loss_min = programs.static_student_grad(params, state["batch_stats"], acc, images,
                                                 teacher)
   step_losses.append(loss_min)
-  used = put(used_params_mask(space, subnets, params))
+  return acc, step_losses
+
+
+def sandwich_step(programs: SandwichPrograms, state: dict, images, labels,
+                  subnets: Sequence[space_lib.SubnetConfig], key, put=lambda x: x):
+  """One sandwich step on the host: `sandwich_gradients`, then the update program. Returns
+  (new state, per-subnet losses as a device array [max, random..., min])."""
+  acc, step_losses = sandwich_gradients(programs, state, images, labels, subnets, key, put)
+  used = put(used_params_mask(programs.space, subnets, state["params"]))
   step_losses = jnp.stack(step_losses)
   state = programs.update(state, acc, used, step_losses)
   return state, step_losses

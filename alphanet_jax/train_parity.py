@@ -66,7 +66,6 @@ def run_cases(path: pathlib.Path, doc: dict, weights) -> Iterator[Result]:
   import jax.numpy as jnp
   import torch
 
-  from alphanet_jax import masks as masks_lib
   from alphanet_jax import space as space_lib
   from alphanet_jax import steps as steps_lib
   from alphanet_jax.convert import supernet as convert_supernet
@@ -117,21 +116,10 @@ def run_cases(path: pathlib.Path, doc: dict, weights) -> Iterator[Result]:
       ok, err = compare(schedule(t), rec["lr"], tol["lr"])
       yield Result(name, f"{case}/lr", ok, err, _tol_str(tol["lr"]))
 
-      # The step, dispatched program by program so the step-0 gradient can be inspected.
-      if subnets[0] != programs.max_subnet or subnets[-1] != programs.min_subnet:
-        raise ValueError("recorded subnets must be [max, random..., min]")
+      # The gradient half first, so the step-0 gradient can be inspected before the update.
       params = state["params"]
-      acc, loss_max, teacher = programs.teacher_grad(params, state["batch_stats"], images,
-                                                     labels, key)
-      step_losses = [loss_max]
-      for cfg in subnets[1:-1]:
-        acc, loss = programs.masked_student_grad(
-            params, acc, images, teacher, masks_lib.subnet_masks(space, cfg),
-            resolution=cfg.resolution)
-        step_losses.append(loss)
-      acc, loss_min = programs.static_student_grad(params, state["batch_stats"], acc, images,
-                                                    teacher)
-      step_losses.append(loss_min)
+      acc, step_losses = steps_lib.sandwich_gradients(programs, state, images, labels, subnets,
+                                                      key)
       ok, err = compare(np.array(step_losses), rec["losses"], tol["losses"])
       yield Result(name, f"{case}/losses", ok, err, _tol_str(tol["losses"]))
 
